@@ -256,7 +256,8 @@ def fault(point, iteration):
 
     Points: kill-after-iter (SIGKILL after that iteration), kill-mid-save (SIGKILL after the
     temporary checkpoint is written, before the rename), enospc-save (the save fails with
-    'no space left'), nan-loss (the loss becomes NaN). Lets tests hit every failure path
+    'no space left'), nan-loss (the loss becomes NaN), raise-rank<R> (an exception on rank
+    R only). Lets tests hit every failure path
     deterministically instead of racing a timer.
     """
     spec = os.environ.get("TRAIN_FAULT", "")
@@ -399,23 +400,29 @@ def setup_lines(args, manifest):
 # One iteration
 
 
-def train_step(net, images, labels, optimizer, scaler, amp_dtype, world, device):
-    """Forward, loss, backward, step. Returns (sum of pixel losses, labelled pixels) here.
+def train_step(net, images, labels, optimizer, scaler, amp_dtype, world, device, it):
+    """Forward, loss, backward, step. Returns (global loss sum, global labelled pixels).
 
     The loss is normalised by the number of labelled pixels in the *global* batch: each
     process scales its sum by world / global count, and DDP averages gradients over the
     processes, so 8 processes x 2 images give the gradient of 1 x 16 exactly (up to float
     summation order). A per-process mean would weight images by their share of pixels.
+    A non-finite loss stops every process before the step, so no weights are spoiled.
     """
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = net(images)
     loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=data.IGNORE_INDEX,
                                reduction="sum")
-    count = (labels != data.IGNORE_INDEX).sum()
-    global_count = count.clone()
+    if fault("nan-loss", it):
+        loss_sum = loss_sum * float("nan")
+    totals = torch.stack([loss_sum.detach().double(),
+                          (labels != data.IGNORE_INDEX).sum().double()])
     if world > 1:
-        dist.all_reduce(global_count)
-    loss = loss_sum * world / global_count.clamp(min=1)
+        dist.all_reduce(totals)  # every process sees the same sums, and stops together
+    global_loss, global_count = totals.tolist()
+    if not math.isfinite(global_loss):
+        raise FloatingPointError(f"non-finite loss at iteration {it}")
+    loss = loss_sum * (world / max(global_count, 1.0))
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -424,7 +431,7 @@ def train_step(net, images, labels, optimizer, scaler, amp_dtype, world, device)
     else:
         loss.backward()
         optimizer.step()
-    return loss_sum.detach(), count, global_count
+    return global_loss, global_count
 
 
 def main(argv=None):
@@ -434,8 +441,8 @@ def main(argv=None):
         return run(args, rank, world, device)
     except (UsageError, data.DataError, segmodel.CheckpointError, OSError,
             FloatingPointError) as e:
-        print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr,
-              flush=True)
+        print(f"error{f' (rank {rank})' if world > 1 else ''}: {one_line(e)}",
+              file=sys.stderr, flush=True)
         return 2
     except BaseException:
         # Shown on every rank, never swallowed: torchrun then reports the failed process.
@@ -444,6 +451,16 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_line(error):
+    """The message of an error; a DataLoader worker's re-raised error carries the worker's
+    traceback in its text, whose last line is the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def run(args, rank, world, device):
@@ -507,16 +524,15 @@ def run(args, rank, world, device):
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True).long()
-        loss_sum, count, global_count = train_step(forward, images, labels, optimizer,
-                                                   scaler, amp_dtype, world, device)
-        if fault("nan-loss", it):
-            loss_sum = loss_sum * float("nan")
-        if not math.isfinite(loss_sum.item()):
-            raise FloatingPointError(f"non-finite loss at iteration {it}; stopped, the last "
-                                     f"good checkpoint is {ckpt_path}")
+        try:
+            loss_sum, pixels = train_step(forward, images, labels, optimizer, scaler,
+                                          amp_dtype, world, device, it)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; stopped, the last good checkpoint "
+                                     f"{ckpt_path} is kept") from None
         t_step = time.perf_counter()
-        meter["loss"] += loss_sum.item()
-        meter["pixels"] += int(global_count)
+        meter["loss"] += loss_sum
+        meter["pixels"] += pixels
         meter["data"] += t_data - t_last
         meter["step"] += t_step - t_data
         meter["n"] += 1
@@ -532,6 +548,8 @@ def run(args, rank, world, device):
             meter = {"loss": 0.0, "pixels": 0, "data": 0.0, "step": 0.0, "n": 0}
         if fault("kill-after-iter", done):
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault(f"raise-rank{rank}", done):
+            raise RuntimeError(f"TRAIN_FAULT raise-rank{rank} at iteration {done}")
         if done % args.save_every == 0 or done == args.iters:
             if rank == 0:
                 save_checkpoint(checkpoint_state(net, optimizer, scaler, done, args, manifest),
@@ -564,12 +582,9 @@ def run(args, rank, world, device):
 
 def log_line(meter, it, lr, batch_size, world, device):
     """One log step's averages: loss per labelled pixel, data wait vs step time, memory."""
-    loss_sum = torch.tensor([meter["loss"]], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(loss_sum)  # meter["pixels"] is already global
     n = meter["n"]
     step = meter["step"] / n
-    line = {"iter": it, "lr": lr, "loss": loss_sum.item() / max(meter["pixels"], 1),
+    line = {"iter": it, "lr": lr, "loss": meter["loss"] / max(meter["pixels"], 1),
             "data_time": meter["data"] / n, "step_time": step,
             "images_per_s": batch_size / max(meter["data"] / n + step, 1e-9),
             "time": time.time()}

@@ -46,3 +46,25 @@ def simclr_dir(shared_data):
 @pytest.fixture(scope="session")
 def repo():
     return REPO
+
+
+@pytest.fixture
+def tiny_voc(voc_root, tmp_path):
+    """A VOC root in tmp_path sharing the real images and labels (one symlink per file, so a
+    test may replace a single file) with its own short split lists: `tiny_train` (4 ids,
+    both label folders) and `tiny_val` (1 id), so a full train + final evaluation runs in
+    seconds. Split lists are copies, free to edit."""
+    root = tmp_path / "voc"
+    real = voc_root / "VOCdevkit" / "VOC2012"
+    seg = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    seg.mkdir(parents=True)
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug"):
+        (root / "VOCdevkit" / "VOC2012" / d).mkdir()
+        for f in (real / d).iterdir():
+            os.symlink(f, root / "VOCdevkit" / "VOC2012" / d / f.name)
+    for f in (real / "ImageSets" / "Segmentation").iterdir():
+        (seg / f.name).write_text(f.read_text())
+    (seg / "tiny_train.txt").write_text(
+        "2007_000032\n2007_000129\n2008_000008\n2009_000430\n")
+    (seg / "tiny_val.txt").write_text("2007_000033\n")
+    return root
