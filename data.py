@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 segmentation data under the MoCo protocol: dataset, transforms, sampler.
+"""PASCAL VOC 2012 segmentation data under the MoCo protocol: dataset, transforms, sampler, setup.
 
     from data import VOCSegmentation, TrainAugment, normalize
     train = VOCSegmentation("data/voc", "train_aug", augment=TrainAugment(crop_size=513))
@@ -13,13 +13,27 @@ grayscale ('L') PNGs hold class indices directly (0..20, 255 = ignore).
 Images stay uint8 through augmentation and are normalised as late as possible (on the GPU
 when there is one): scaling and cropping uint8 is about twice as fast as float.
 
+    python data.py prepare --data-root data/voc      # download, verify, extract, convert, list
+    python data.py prepare --archives ~/Downloads    # archives fetched by hand
     python data.py check --data-root data/voc        # what is there, what is wrong
+
+`prepare` builds train_aug (10,582 ids: VOC train + SBD train + SBD val, minus VOC val) and
+needs scipy for SBD's .mat labels; nothing else here does.
 
 This file imports nothing else from the repository: copy it alone into your own code.
 """
 import argparse
+import hashlib
+import http.client
+import json
 import os
+import shutil
 import sys
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
 
 import numpy as np
 import torch
@@ -27,6 +41,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 NUM_CLASSES = 21
 IGNORE_INDEX = 255
@@ -267,70 +282,674 @@ class TrainSampler(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------------------
+# python data.py prepare
+#
+# train_aug is VOC train + SBD train + SBD val, minus VOC val. SBD (Hariharan et al., ICCV
+# 2011) annotated 11,355 VOC 2011 trainval images and split them independently of VOC 2012,
+# so SBD's lists hold VOC val ids: a plain union leaks val images into training.
+#
+# Facts relied on (from torchvision 0.29's datasets/voc.py and datasets/sbd.py, and the
+# archives' published layouts):
+# - VOCtrainval_11-May-2012.tar holds VOCdevkit/VOC2012/{JPEGImages (17,125 JPEGs),
+#   SegmentationClass, ImageSets/Segmentation/{train,val,trainval}.txt, ...}. VOC 2012 kept
+#   VOC 2011's classification/detection trainval images, which are the images SBD annotated,
+#   so for the real archives every train_aug id already has a JPEG there; SBD's img/ only
+#   fills gaps (mirrors or trimmed archives), and the summary says how many it filled.
+# - benchmark.tgz holds benchmark_RELEASE/dataset/{img/*.jpg, cls/*.mat, inst/*.mat,
+#   train.txt, val.txt}; each cls/<id>.mat holds a struct GTcls whose field Segmentation
+#   is the class map (uint8 H x W, 0 = background, 1..20 = VOC classes, no 255 border).
+
+VOC_URL = "https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
+SBD_URL = ("https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
+           "semantic_contours/benchmark.tgz")
+SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
+VOC_PREFIX = "VOCdevkit/VOC2012/"
+SBD_PREFIX = "benchmark_RELEASE/dataset/"
+# Only the real archives (recognised by their md5) must give these numbers; any other pair
+# of archives is checked by set arithmetic alone.
+OFFICIAL_COUNTS = {"train": 1464, "val": OFFICIAL_VAL_SIZE, "train_aug": 10582,
+                   "sbd_only": 9118}
+STATE_FILE = "prepare.json"
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _progress(progress, **kwargs):
+    # progress=None lets tqdm decide: a bar on a terminal, nothing in logs and tests.
+    return tqdm(disable=None if progress is None else not progress, **kwargs)
+
+
+def _set_aside(path, name=None):
+    """Rename `path` to a free `<name>.corrupt[-k]` (name defaults to path) and return the
+    new name: a bad file is kept for inspection, never deleted."""
+    base = f"{name or path}.corrupt"
+    aside, k = base, 0
+    while os.path.exists(aside):
+        k += 1
+        aside = f"{base}-{k}"
+    os.replace(path, aside)
+    return aside
+
+
+def md5sum(path, progress=None):
+    """The md5 hex digest of a file (the checksum VOC's and SBD's archives are known by)."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f, _progress(progress, total=os.path.getsize(path), unit="B",
+                                          unit_scale=True, unit_divisor=1024,
+                                          desc=f"md5 {os.path.basename(path)}") as bar:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def download(url, part, progress=None, timeout=60):
+    """Append the rest of `url` to the file `part`, resuming with an HTTP Range request.
+
+    Raises DataError when the connection fails or ends early; `part` then keeps every byte
+    received, so the next call continues from there.
+    """
+    start = os.path.getsize(part) if os.path.isfile(part) else 0
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                      timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # nothing left to send: the part is already complete
+            return
+        raise DataError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"{url}: cannot connect ({getattr(e, 'reason', e)}); the host may "
+                        "be down: fetch the archive by hand and pass --archives, or use a "
+                        "mirror (--voc-url/--sbd-url)") from None
+    with resp:
+        if start and resp.status != 206:
+            start = 0  # the server ignored the Range header and sends the whole file
+        elif start and not resp.headers.get("Content-Range", "").startswith(
+                f"bytes {start}-"):
+            raise DataError(f"{url}: the server resumed at another offset than {start} "
+                            f"({resp.headers.get('Content-Range')}); delete {part} to "
+                            "download from the start")
+        length = resp.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        received = start
+        try:
+            with open(part, "ab" if start else "wb") as f, _progress(
+                    progress, total=total, initial=start, unit="B", unit_scale=True,
+                    unit_divisor=1024, desc=os.path.basename(part)[:-len(".part")]) as bar:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as e:
+            raise DataError(f"{url}: download interrupted after {received} bytes ({e}); run "
+                            f"again to resume from {part}") from None
+    # http.client returns a short body without an error when the peer closes early.
+    if total is not None and received != total:
+        raise DataError(f"{url}: download interrupted after {received} of {total} bytes; "
+                        f"run again to resume from {part}")
+
+
+def fetch(url, path, md5, download_missing=True, redownload=False, progress=None, timeout=60,
+          log=_quiet):
+    """Make `path` a copy of `url` whose md5 is `md5`, and return `path`.
+
+    A file already at `path` is used when its md5 matches. One that does not match is an
+    error, unless `redownload`: then it is renamed to `<path>.corrupt` and fetched again.
+    Downloads go to `<path>.part` and are renamed to `path` only once the checksum matches,
+    so `path` never holds a partial or unverified file.
+    """
+    md5 = md5.lower()
+    if os.path.isfile(path):
+        got = md5sum(path, progress)
+        if got == md5:
+            return path
+        if not redownload:
+            raise DataError(f"{path}: md5 {got}, expected {md5} (corrupt, or not this "
+                            f"archive); --redownload moves it aside and fetches {url} again")
+        log(f"{path}: md5 {got}, expected {md5}; moved aside to {_set_aside(path)}")
+    elif os.path.isfile(f"{path}.corrupt") and not redownload:
+        raise DataError(f"{path}.corrupt: an earlier download of {url} failed its checksum; "
+                        "--redownload fetches it again")
+    part = f"{path}.part"
+    if not download_missing:
+        raise DataError(f"{path}: archive missing; fetch {url} into {os.path.dirname(path)} "
+                        "(or allow downloads: drop --no-download)")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    log(f"downloading {url} -> {path}" + (" (resuming)" if os.path.isfile(part) else ""))
+    download(url, part, progress, timeout)
+    got = md5sum(part, progress)
+    if got != md5:
+        # A complete download with the wrong bytes: resuming it cannot help, and deleting
+        # it would hide the evidence, so it is kept aside and the next run refuses it.
+        aside = _set_aside(part, path)
+        raise DataError(f"{url}: downloaded file has md5 {got}, expected {md5}; kept as "
+                        f"{aside}; --redownload fetches it again")
+    os.replace(part, path)
+    return path
+
+
+class _ReadCounter:
+    """A file wrapper that reports the bytes read to a progress bar (archive position)."""
+
+    def __init__(self, f, bar):
+        self.f, self.bar = f, bar
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.bar.update(len(data))
+        return data
+
+
+def _archive_files(archive, prefix, progress=None):
+    """Yield (tar, member, relative path) for each regular file under `prefix`, in archive
+    order, in one sequential pass (the stream mode reads a .tgz without seeking back).
+
+    Member names are checked lexically: no absolute path, no '..', nothing outside
+    `prefix`. Links and special files are skipped, never created, so nothing in the archive
+    can redirect a write; a symlink the user made inside the data root (a folder on another
+    disk) stays usable, which a realpath-based check such as tarfile's data filter refuses.
+    """
+    with open(archive, "rb") as raw, _progress(progress, total=os.path.getsize(archive),
+                                               unit="B", unit_scale=True, unit_divisor=1024,
+                                               desc=f"extract {os.path.basename(archive)}"
+                                               ) as bar:
+        try:
+            with tarfile.open(fileobj=_ReadCounter(raw, bar), mode="r|*") as tar:
+                for member in tar:
+                    # tar run on "./VOCdevkit" writes "./" before every name
+                    name = member.name[2:] if member.name.startswith("./") else member.name
+                    parts = name.split("/")
+                    if name.startswith(("/", "\\")) or ".." in parts or "\\" in name:
+                        raise DataError(f"{archive}: unsafe member name {name!r} (absolute "
+                                        "or leaving the extraction folder); not extracting")
+                    if member.isfile() and name.startswith(prefix):
+                        yield tar, member, name[len(prefix):]
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{archive}: cannot read archive ({e})") from None
+
+
+def _write_member(tar, member, target, archive):
+    """Extract one member to `target` through `<target>.part`: never a half-written file
+    under its final name."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    part = f"{target}.part"
+    try:
+        with tar.extractfile(member) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DataError(f"{archive}: cannot read {member.name} ({e})") from None
+    os.replace(part, target)
+
+
+def _extract_file(tar, member, target, archive):
+    """Extract unless an identical-size file is there; 1 if written, 0 if kept."""
+    if os.path.isfile(target):
+        if os.path.getsize(target) == member.size:
+            return 0  # done by an earlier, interrupted run (or the user): keep it
+        raise DataError(f"{target} exists and differs from {member.name} in {archive}; "
+                        "move it away and run again")
+    _write_member(tar, member, target, archive)
+    return 1
+
+
+def extract_voc(archive, root, progress=None):
+    """Extract VOCdevkit/VOC2012/ of the VOC tar into `root`; returns {"files", "written"}."""
+    files = written = 0
+    for tar, member, rel in _archive_files(archive, VOC_PREFIX, progress):
+        written += _extract_file(tar, member, os.path.join(voc_dir(root), *rel.split("/")),
+                                 archive)
+        files += 1
+    if not files:
+        raise DataError(f"{archive}: no {VOC_PREFIX} folder inside (not the VOC 2012 "
+                        "trainval tar)")
+    for split in ("train", "val"):
+        if not os.path.isfile(os.path.join(voc_dir(root), "ImageSets", "Segmentation",
+                                           f"{split}.txt")):
+            raise DataError(f"{archive}: no {VOC_PREFIX}ImageSets/Segmentation/{split}.txt")
+    return {"files": files, "written": written}
+
+
+def sbd_dir(root):
+    """Where prepare keeps SBD's lists and cls/*.mat (the archive's own layout)."""
+    return os.path.join(root, *SBD_PREFIX.rstrip("/").split("/"))
+
+
+def extract_sbd(archive, root, progress=None):
+    """From SBD's benchmark.tgz, extract train.txt, val.txt and cls/*.mat under
+    `root/benchmark_RELEASE/dataset/`, and img/<id>.jpg into VOC2012/JPEGImages for the ids
+    VOC's tar has no JPEG for (inst/ and the benchmark code are not needed).
+    Returns {"labels": n .mat files, "images": n JPEGs added}."""
+    out = {"labels": 0, "images": 0}
+    lists = set()
+    for tar, member, rel in _archive_files(archive, SBD_PREFIX, progress):
+        if rel in ("train.txt", "val.txt"):
+            _extract_file(tar, member, os.path.join(sbd_dir(root), rel), archive)
+            lists.add(rel)
+        elif rel.startswith("cls/") and rel.endswith(".mat") and rel.count("/") == 1:
+            _extract_file(tar, member, os.path.join(sbd_dir(root), "cls", rel[4:]), archive)
+            out["labels"] += 1
+        elif rel.startswith("img/") and rel.endswith(".jpg") and rel.count("/") == 1:
+            target = os.path.join(voc_dir(root), "JPEGImages", rel[4:])
+            if not os.path.isfile(target):
+                _write_member(tar, member, target, archive)
+                out["images"] += 1
+    missing = {"train.txt", "val.txt"} - lists
+    if missing or not out["labels"]:
+        what = ", ".join(sorted(missing)) or "cls/*.mat"
+        raise DataError(f"{archive}: no {SBD_PREFIX}{what} inside (not SBD's benchmark.tgz)")
+    return out
+
+
+def read_id_list(path):
+    """Ids in a list file, one per line (first field), in file order."""
+    try:
+        with open(path) as f:
+            return [line.split()[0] for line in f if line.strip()]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read id list ({e.strerror})") from None
+
+
+def build_train_aug(voc_train, voc_val, sbd_train, sbd_val):
+    """(train_aug, sbd_only): sorted id lists.
+
+    train_aug = (VOC train | SBD train | SBD val) - VOC val, without duplicates.
+    sbd_only = the train_aug ids outside VOC train: the only ids that take an SBD label; an
+    id VOC annotated keeps VOC's label, and a VOC val id never gets one from SBD.
+    """
+    val = set(voc_val)
+    sbd = set(sbd_train) | set(sbd_val)
+    train_aug = sorted((set(voc_train) | sbd) - val)
+    sbd_only = sorted(sbd - set(voc_train) - val)
+    return train_aug, sbd_only
+
+
+def verify_train_aug(voc_train, voc_val, train_aug, sbd_only, official=False):
+    """Raise DataError unless the lists add up: train_aug has no duplicates, holds VOC
+    train, shares no id with VOC val, and is VOC train plus the SBD-only ids exactly.
+    With `official` (the real archives), the counts must also be VOC 2012's and SBD's:
+    1,464 train, 1,449 val, 10,582 train_aug, 9,118 SBD-only."""
+    train, val, aug = set(voc_train), set(voc_val), set(train_aug)
+    problems = []
+    if len(aug) != len(train_aug):
+        problems.append(f"train_aug lists {len(train_aug) - len(aug)} ids twice")
+    if train - aug:
+        problems.append(f"{len(train - aug)} VOC train ids missing from train_aug, e.g. "
+                        f"{min(train - aug)}")
+    if aug & val:
+        problems.append(f"{len(aug & val)} VOC val ids in train_aug, e.g. {min(aug & val)}")
+    if aug - train != set(sbd_only) or len(aug) != len(train) + len(set(sbd_only)):
+        problems.append(f"train_aug ({len(aug)}) is not VOC train ({len(train)}) plus the "
+                        f"SBD-only ids ({len(set(sbd_only))})")
+    if official:
+        counts = {"train": len(voc_train), "val": len(voc_val), "train_aug": len(train_aug),
+                  "sbd_only": len(sbd_only)}
+        problems += [f"{k} has {counts[k]} ids, expected {n:,} for the real archives"
+                     for k, n in OFFICIAL_COUNTS.items() if counts[k] != n]
+    if problems:
+        raise DataError("train_aug does not add up: " + "; ".join(problems))
+
+
+def read_sbd_label(path):
+    """SBD's class map from a cls/<id>.mat file: uint8 ndarray (H, W) of class indices.
+
+    The file is MATLAB's; the map is the Segmentation field of the struct GTcls.
+    """
+    try:
+        import scipy.io  # only here: nothing else in this file needs scipy
+    except ImportError:
+        raise DataError("reading SBD's .mat labels needs scipy, which is not installed: "
+                        "pip install scipy (only `data.py prepare` uses it)") from None
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["GTcls"], squeeze_me=True,
+                               struct_as_record=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: SBD label file missing") from None
+    except Exception as e:
+        raise DataError(f"{path}: cannot read .mat file ({e})") from None
+    try:
+        seg = np.asarray(mat["GTcls"].Segmentation)
+    except (KeyError, AttributeError):
+        raise DataError(f"{path}: no GTcls.Segmentation inside (not an SBD cls/ label)")
+    if seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
+        raise DataError(f"{path}: GTcls.Segmentation is {seg.dtype} {seg.shape}, expected an "
+                        "integer H x W class map")
+    if seg.size and (seg.min() < 0 or seg.max() > 255 or (~_VALID[seg.astype(np.uint8)]).any()):
+        values = sorted(set(np.unique(seg).tolist()) - set(np.flatnonzero(_VALID).tolist()))
+        raise DataError(f"{path}: class values {values[:5]} outside 0..20 and 255")
+    return seg.astype(np.uint8)
+
+
+def voc_palette():
+    """VOC's label colour map as a flat list of 768 ints: class c gets the colour whose
+    bits interleave c's bits (background black, 1 = (128, 0, 0), 255 = (224, 224, 192))."""
+    palette = []
+    for c in range(256):
+        rgb = [0, 0, 0]
+        for bit in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> (3 * bit + ch)) & 1) << (7 - bit)
+        palette += rgb
+    return palette
+
+
+def write_label_png(label, path):
+    """Save a uint8 (H, W) class map as a palette PNG, atomically.
+
+    Palette ('P') rather than grayscale: it is the format of VOC's own SegmentationClass, so
+    a viewer shows the usual class colours, while the pixel values stay the class indices.
+    """
+    im = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
+    im.putpalette(voc_palette())  # turns the 'L' image into 'P' without touching values
+    part = f"{path}.part"
+    im.save(part, format="PNG")
+    os.replace(part, path)
+
+
+def convert_sbd_labels(root, ids, compare_existing=True, progress=None):
+    """SBD's cls/<id>.mat -> VOC2012/SegmentationClassAug/<id>.png for `ids` (the SBD-only
+    ids). An existing PNG is kept; with `compare_existing` it must hold the same indices.
+    Returns the number of PNGs written."""
+    out_dir = os.path.join(voc_dir(root), "SegmentationClassAug")
+    os.makedirs(out_dir, exist_ok=True)
+    written = 0
+    for i in _progress(progress, iterable=ids, desc="SBD labels", unit="label"):
+        png = os.path.join(out_dir, f"{i}.png")
+        if os.path.isfile(png) and not compare_existing:
+            continue
+        mat = os.path.join(sbd_dir(root), "cls", f"{i}.mat")
+        if not os.path.isfile(mat):
+            raise DataError(f"id {i}: SBD lists it but has no label {mat}")
+        label = read_sbd_label(mat)
+        if os.path.isfile(png):
+            if not np.array_equal(read_label(png).numpy(), label):
+                raise DataError(f"{png}: differs from SBD's {mat}; move it away and run "
+                                "again")
+            continue
+        image = os.path.join(voc_dir(root), "JPEGImages", f"{i}.jpg")
+        try:
+            with Image.open(image) as im:
+                size = (im.height, im.width)  # header only: cheap
+        except (OSError, ValueError) as e:
+            raise DataError(f"id {i}: cannot open its image {image} ({e})") from None
+        if size != label.shape:
+            raise DataError(f"{mat}: label is {label.shape[1]}x{label.shape[0]}, image "
+                            f"{image} is {size[1]}x{size[0]} (width x height)")
+        write_label_png(label, png)
+        written += 1
+    return written
+
+
+def _write_text(path, text):
+    part = f"{path}.part"
+    with open(part, "w") as f:
+        f.write(text)
+    os.replace(part, path)
+
+
+def _read_state(root):
+    path = os.path.join(root, STATE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e}); move it away to prepare again") from None
+
+
+def _save_state(root, state):
+    path = os.path.join(root, STATE_FILE)
+    text = json.dumps(state, indent=1, sort_keys=True) + "\n"
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read() == text:
+                return  # a rerun changes nothing, not even a timestamp
+    _write_text(path, text)
+
+
+def _archive_name(url):
+    name = os.path.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    if not name:
+        raise DataError(f"{url}: the URL names no file")
+    return name
+
+
+def prepare(root, archives=None, voc_url=VOC_URL, voc_md5=VOC_MD5, sbd_url=SBD_URL,
+            sbd_md5=SBD_MD5, download=True, redownload=False, progress=None, timeout=60,
+            log=_quiet):
+    """Download, verify, extract and convert VOC 2012 and SBD into `root`; write train_aug.
+
+    Archives are looked for, and downloaded to, `archives` (default `root/archives`).
+    Steps already done (recorded in `root/prepare.json` with the archives' md5) are
+    skipped, so a rerun needs neither the archives nor the network. Returns a summary dict.
+    """
+    voc_md5, sbd_md5 = voc_md5.lower(), sbd_md5.lower()
+    official = voc_md5 == VOC_MD5 and sbd_md5 == SBD_MD5
+    archives = archives or os.path.join(root, "archives")
+    os.makedirs(root, exist_ok=True)
+    state = _read_state(root)
+    for key, md5 in (("voc", voc_md5), ("sbd", sbd_md5)):
+        if key in state and state[key]["md5"] != md5:
+            raise DataError(f"--data-root {root} was prepared from a {key.upper()} archive "
+                            f"with md5 {state[key]['md5']}, not {md5}; use another --data-root")
+
+    # 1. Archives: both are fetched and verified before any long extraction starts.
+    todo = [(k, url, md5) for k, url, md5 in (("voc", voc_url, voc_md5),
+                                               ("sbd", sbd_url, sbd_md5)) if k not in state]
+    paths = {k: fetch(url, os.path.join(archives, _archive_name(url)), md5, download,
+                      redownload, progress, timeout, log) for k, url, md5 in todo}
+
+    # 2. Extraction, each archive recorded as done only once all its files are in place.
+    if "voc" in paths:
+        log(f"extracting {paths['voc']}")
+        state["voc"] = {"md5": voc_md5, **extract_voc(paths["voc"], root, progress)}
+        _save_state(root, state)
+    if "sbd" in paths:
+        log(f"extracting {paths['sbd']}")
+        state["sbd"] = {"md5": sbd_md5, **extract_sbd(paths["sbd"], root, progress)}
+        _save_state(root, state)
+
+    # 3. The set arithmetic, checked before the long conversion.
+    voc_train, voc_val = read_split(root, "train"), read_split(root, "val")
+    sbd_train = read_id_list(os.path.join(sbd_dir(root), "train.txt"))
+    sbd_val = read_id_list(os.path.join(sbd_dir(root), "val.txt"))
+    train_aug, sbd_only = build_train_aug(voc_train, voc_val, sbd_train, sbd_val)
+    verify_train_aug(voc_train, voc_val, train_aug, sbd_only, official)
+
+    # 4. SBD labels for the SBD-only ids, then the list.
+    converted = convert_sbd_labels(root, sbd_only, "train_aug" not in state, progress)
+    list_path = os.path.join(voc_dir(root), "ImageSets", "Segmentation", "train_aug.txt")
+    wrote_list = not os.path.isfile(list_path)
+    if not wrote_list:
+        existing = read_id_list(list_path)
+        if sorted(existing) != train_aug:
+            raise DataError(f"{list_path} exists and lists other ids ({len(existing)}) than "
+                            f"VOC train + SBD - VOC val ({len(train_aug)}); move it away")
+    else:
+        _write_text(list_path, "".join(f"{i}\n" for i in train_aug))
+
+    # 5. Every listed id has its files; only then is the folder marked as prepared.
+    base, from_sbd = voc_dir(root), set(sbd_only)
+    for split, ids in (("train_aug", train_aug), ("val", voc_val)):
+        for i in ids:
+            if not os.path.isfile(os.path.join(base, "JPEGImages", f"{i}.jpg")):
+                raise DataError(f"split {split!r}: id {i} has no image in either archive")
+            # VOC train and val ids are labelled by VOC itself, the others by SBD.
+            folder = "SegmentationClassAug" if i in from_sbd else "SegmentationClass"
+            if not os.path.isfile(os.path.join(base, folder, f"{i}.png")):
+                raise DataError(f"split {split!r}: id {i} has no label {folder}/{i}.png")
+    state["train_aug"] = {"ids": len(train_aug), "sbd_only": len(sbd_only),
+                          "official_counts": official}
+    _save_state(root, state)
+    return {"train": len(voc_train), "val": len(voc_val), "train_aug": len(train_aug),
+            "sbd_only": len(sbd_only), "labels_written": converted,
+            "images_from_sbd": state["sbd"]["images"], "official": official,
+            "changed": bool(paths or converted or wrote_list)}
+
+
+# ----------------------------------------------------------------------------------------
 # python data.py check
 
 
-def check_split(root, split):
-    """Scan one split; returns a dict of counts and a list of problems (strings)."""
+def check_split(root, split, progress=None):
+    """Scan one split, decoding every image and label.
+
+    Returns {"split", "ids", "images", "labels", "label_modes": {mode: n}, "counts":
+    {problem kind: n}, "problems": [one line per id and problem]}.
+    """
     ids = read_split(root, split)
     base = voc_dir(root)
     out = {"split": split, "ids": len(ids), "images": 0, "labels": 0, "label_modes": {},
-           "problems": []}
-    for i in ids:
+           "counts": {}, "problems": []}
+
+    def problem(text, *kinds):
+        for kind in kinds:
+            out["counts"][kind] = out["counts"].get(kind, 0) + 1
+        out["problems"].append(text)
+
+    for i in _progress(progress, iterable=ids, desc=split, unit="id", leave=False):
         image = os.path.join(base, "JPEGImages", f"{i}.jpg")
         label = next((p for p in (os.path.join(base, d, f"{i}.png")
                                   for d in ("SegmentationClass", "SegmentationClassAug"))
                       if os.path.isfile(p)), None)
+        has_image = os.path.isfile(image)
+        if not has_image and label is None:  # the usual case in a partial folder: one line
+            problem(f"id {i}: image and label missing", "missing images", "missing labels")
+            continue
         size = None
-        if os.path.isfile(image):
+        if has_image:
             out["images"] += 1
             try:
-                size = tuple(read_image(image).shape[1:])
-            except DataError as e:
-                out["problems"].append(str(e))
+                with Image.open(image) as im:
+                    im.load()  # a full decode: a truncated JPEG fails here, not in training
+                    size = (im.height, im.width)
+            except Exception as e:
+                problem(f"{image}: cannot decode image ({e})", "undecodable images")
         else:
-            out["problems"].append(f"id {i}: image missing")
+            problem(f"id {i}: image missing", "missing images")
         if label is None:
-            out["problems"].append(f"id {i}: label missing")
+            problem(f"id {i}: label missing", "missing labels")
             continue
         out["labels"] += 1
         try:
             with Image.open(label) as im:
-                out["label_modes"][im.mode] = out["label_modes"].get(im.mode, 0) + 1
-            lbl = read_label(label)
-            if size is not None and tuple(lbl.shape) != size:
-                out["problems"].append(f"id {i}: label size {tuple(lbl.shape)} != image "
-                                       f"size {size} (height, width)")
-        except DataError as e:
-            out["problems"].append(str(e))
+                mode = im.mode
+                out["label_modes"][mode] = out["label_modes"].get(mode, 0) + 1
+                values = np.array(im) if mode in ("P", "L") else None
+        except Exception as e:
+            problem(f"{label}: cannot decode label ({e})", "undecodable labels")
+            continue
+        if values is None:
+            problem(f"{label}: mode {mode}, expected P or L (a label converted to RGB has "
+                    "lost its class indices)", "labels not P/L")
+            continue
+        bad = ~_VALID[values]
+        if bad.any():
+            problem(f"{label}: values {np.unique(values[bad]).tolist()[:5]} outside 0..20 "
+                    "and 255", "labels with values outside 0..20/255")
+        if size is not None and values.shape != size:
+            problem(f"id {i}: label {values.shape[1]}x{values.shape[0]}, image {size[1]}x"
+                    f"{size[0]} (width x height)", "size mismatches")
     return out
 
 
-def main(argv=None):
+def split_overlaps(root, pairs=(("train_aug", "val"), ("train", "val"))):
+    """{(a, b): sorted shared ids} for each pair of splits whose list files both exist."""
+    seg = os.path.join(voc_dir(root), "ImageSets", "Segmentation")
+    out = {}
+    for a, b in pairs:
+        if all(os.path.isfile(os.path.join(seg, f"{s}.txt")) for s in (a, b)):
+            out[(a, b)] = sorted(set(read_split(root, a)) & set(read_split(root, b)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+
+def _add_data_root(parser):
+    parser.add_argument("--data-root", default="data/voc",
+                        help="folder holding VOCdevkit/VOC2012 (default: data/voc)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: only on a terminal)")
+
+
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser(
+        "prepare", help="download, verify, extract and convert VOC 2012 + SBD; write "
+                        "train_aug.txt",
+        description="Prepare VOC 2012 train_aug (10,582 ids) and val (1,449 ids): download "
+                    "VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz, check their md5, "
+                    "extract into DATA_ROOT/VOCdevkit/VOC2012, convert SBD's labels to "
+                    "SegmentationClassAug/*.png and write ImageSets/Segmentation/"
+                    "train_aug.txt. Running it again does nothing.")
+    _add_data_root(prep)
+    src = prep.add_argument_group("archives")
+    src.add_argument("--archives", default=None,
+                     help="folder where the archives are looked for and downloaded to, e.g. "
+                          "~/Downloads for archives fetched by hand (default: "
+                          "DATA_ROOT/archives)")
+    src.add_argument("--voc-url", default=VOC_URL, help=f"VOC 2012 trainval tar (default: "
+                     f"{VOC_URL}; the original host is host.robots.ox.ac.uk)")
+    src.add_argument("--voc-md5", default=VOC_MD5, help=f"its md5 (default: {VOC_MD5})")
+    src.add_argument("--sbd-url", default=SBD_URL, help=f"SBD benchmark.tgz (default: "
+                     f"{SBD_URL})")
+    src.add_argument("--sbd-md5", default=SBD_MD5, help=f"its md5 (default: {SBD_MD5})")
+    net = prep.add_argument_group("network")
+    net.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                     help="download missing archives (default: on); --no-download only "
+                          "uses what is in --archives")
+    net.add_argument("--redownload", action=argparse.BooleanOptionalAction, default=False,
+                     help="an archive failing its checksum is renamed to *.corrupt and "
+                          "downloaded again (default: off: it is an error)")
+    net.add_argument("--timeout", type=float, default=60,
+                     help="seconds without data before a download fails (default: 60)")
+
     check = sub.add_parser("check", help="report what is there and what is wrong, per split")
-    check.add_argument("--data-root", default="data/voc",
-                       help="folder holding VOCdevkit/VOC2012 (default: data/voc)")
+    _add_data_root(check)
     check.add_argument("--splits", nargs="+", default=None,
                        help="splits to check (default: every list file in "
                             "ImageSets/Segmentation)")
-    args = parser.parse_args(argv)
+    return parser
 
-    try:
-        seg = os.path.join(voc_dir(args.data_root), "ImageSets", "Segmentation")
-        if not os.path.isdir(seg):
-            raise DataError(f"--data-root {args.data_root}: no VOCdevkit/VOC2012/ImageSets/"
-                            "Segmentation folder there")
-        splits = args.splits or sorted(f[:-4] for f in os.listdir(seg) if f.endswith(".txt"))
-        results = [check_split(args.data_root, s) for s in splits]
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def run_prepare(args):
+    official = (args.voc_md5.lower(), args.sbd_md5.lower()) == (VOC_MD5, SBD_MD5)
+    counts = ("the real archives': 10,582 train_aug, 1,449 val" if official else
+              "not the real archives: checked by set arithmetic only")
+    print(f"prepare --data-root {args.data_root} --archives "
+          f"{args.archives or os.path.join(args.data_root, 'archives')}\n"
+          f"  VOC {args.voc_url} md5 {args.voc_md5}\n"
+          f"  SBD {args.sbd_url} md5 {args.sbd_md5}\n  counts: {counts}")
+    s = prepare(args.data_root, args.archives, args.voc_url, args.voc_md5, args.sbd_url,
+                args.sbd_md5, args.download, args.redownload, args.progress, args.timeout,
+                log=print)
+    print(f"train {s['train']}  val {s['val']}  train_aug {s['train_aug']} (= train + "
+          f"{s['sbd_only']} SBD-only ids, no val id)  SBD labels written "
+          f"{s['labels_written']}  JPEGs taken from SBD {s['images_from_sbd']}")
+    print("prepared" if s["changed"] else "already prepared: nothing to do")
+    return 0
+
+
+def run_check(args):
+    seg = os.path.join(voc_dir(args.data_root), "ImageSets", "Segmentation")
+    if not os.path.isdir(seg):
+        raise DataError(f"--data-root {args.data_root}: no VOCdevkit/VOC2012/ImageSets/"
+                        "Segmentation folder there")
+    splits = args.splits or sorted(f[:-4] for f in os.listdir(seg) if f.endswith(".txt"))
+    print(f"check --data-root {args.data_root}: {len(splits)} splits")
     failed = False
-    for r in results:
+    for split in splits:
+        r = check_split(args.data_root, split, args.progress)
         modes = ", ".join(f"{m} {n}" for m, n in sorted(r["label_modes"].items())) or "-"
-        status = "ok" if not r["problems"] else f"{len(r['problems'])} problems"
+        status = ", ".join(f"{n} {k}" for k, n in r["counts"].items()) or "ok"
         print(f"{r['split']:<28} ids {r['ids']:>6}  images {r['images']:>6}  labels "
               f"{r['labels']:>6}  modes [{modes}]  {status}")
         for p in r["problems"][:5]:
@@ -338,7 +957,20 @@ def main(argv=None):
         if len(r["problems"]) > 5:
             print(f"    ... {len(r['problems']) - 5} more")
         failed |= bool(r["problems"])
+    for (a, b), shared in split_overlaps(args.data_root).items():
+        print(f"{a} & {b}: " + (f"{len(shared)} shared ids, e.g. {', '.join(shared[:3])}"
+                                if shared else "no shared ids"))
+        failed |= bool(shared)
     return 1 if failed else 0
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run_prepare(args) if args.command == "prepare" else run_check(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -52,7 +52,11 @@ def get_args_parser():
 
     g = p.add_argument_group("model")
     g.add_argument("--init", default="random",
-                   help="pretrained backbone: a checkpoint path or 'random' (default: random)")
+                   help="pretrained backbone: a checkpoint path, 'imagenet' (torchvision "
+                        "IMAGENET1K_V1 from the torch.hub cache) or 'random' (default: random)")
+    g.add_argument("--init-pkl-torchvision-style", action=argparse.BooleanOptionalAction,
+                   default=False, help="take a detectron2 .pkl without MoCo's converter marks "
+                   "as a torchvision-style ResNet-50 (stride in the 3x3 conv, RGB input)")
     g.add_argument("--init-encoder", choices=("default", "momentum"), default="default",
                    help="which encoder of a two-encoder checkpoint (default: the query one)")
     g.add_argument("--conv5-dilation", choices=("all", "torchvision"), default="all",
@@ -201,11 +205,27 @@ def prepare_run_folder(args, rank):
     return None
 
 
+def set_aside_earlier_run(folder):
+    """A fresh start (--overwrite, or nothing to resume) must not mix its log with an
+    earlier run's or leave that run's eval.json looking like its own: rename them. The
+    earlier checkpoint stays until this run's first save replaces it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("log.jsonl", "eval.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            os.replace(path, f"{path}.replaced-{stamp}")
+
+
 def build_network(args, device, world, rank):
     """The model on its device, with SyncBN across CUDA processes; returns (model, bn_type)."""
+    if args.init == "imagenet" and world > 1:
+        if rank == 0:  # one download into the torch.hub cache, not one per process
+            segmodel.imagenet_file()
+        dist.barrier()
     torch.manual_seed(args.seed)  # the head's initialisation
     net = segmodel.build_model(args.init, conv5_dilation=args.conv5_dilation,
                                align_corners=args.align_corners, encoder=args.init_encoder,
+                               pkl_torchvision_style=args.init_pkl_torchvision_style,
                                verbose=False)
     if world > 1 and device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -303,18 +323,25 @@ def plain_args(args):
     return {k: v for k, v in vars(args).items()}
 
 
+# Flags that do not change the result and may differ on resume; every other argument must
+# match the checkpoint's, or the resumed run would silently be a different experiment.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "workers", "log_every", "save_every", "eval_every",
+                     "output_dir"}
+
+
 def restore(path, net, optimizer, scaler, args):
     """Load a train.py checkpoint into model/optimizer/scaler; returns the next iteration."""
     ckpt = segmodel.read_checkpoint(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "iteration" not in ckpt:
         raise segmodel.CheckpointError(f"--resume {path}: not a train.py checkpoint")
     saved = ckpt.get("args", {})
-    changed = [k for k in ("iters", "batch_size", "lr", "lr_schedule", "seed", "crop_size",
-                           "train_split", "schedule_options")
-               if k in saved and saved[k] != getattr(args, k)]
+    now = plain_args(args)
+    changed = [k for k in sorted(set(saved) | set(now))
+               if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
     if changed:
         raise UsageError(f"--resume {path}: the checkpoint was trained with other settings "
-                         f"({', '.join(f'{k}={saved[k]!r}' for k in changed)})")
+                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed[:4])}); "
+                         "resume with the same flags")
     net.load_state_dict(ckpt["model"], strict=True)
     net.input_normalization = dict(ckpt["config"]["input_normalization"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -502,6 +529,8 @@ def run(args, rank, world, device):
         print(setup_lines(args, manifest), flush=True)
         if resume_from:
             print(f"resume       {resume_from} at iteration {start_iter}", flush=True)
+        if resume_from is None:
+            set_aside_earlier_run(args.output_dir)
         write_json(os.path.join(args.output_dir, "run.json"), manifest)
         write_json(os.path.join(args.output_dir, "args.json"), plain_args(args))
         log = open(os.path.join(args.output_dir, "log.jsonl"), "a")

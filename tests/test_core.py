@@ -122,7 +122,7 @@ def test_moco_checkpoint_loads_the_query_encoder_exactly(tmp_path):
         assert torch.equal(v, query[k]), k
     report = net.init_report
     assert report["layout"] == "moco_v1_v2" and report["encoder"] == "default"
-    assert report["loaded"] == 318  # 53 convs + 53 BN x 4 + ... every non-counter tensor
+    assert report["loaded"] == 318  # 53 convs + 53 BN x 5 (with num_batches_tracked)
     assert report["dropped"]["momentum encoder"] == len(query)
     assert report["dropped"]["heads"] == 2 and report["dropped"]["queue"] == 2
 

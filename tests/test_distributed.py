@@ -117,7 +117,7 @@ def test_loss_is_normalised_by_the_global_count_of_labelled_pixels(tmp_path):
     mp.spawn(_step, args=(2, free_port(), images, labels, tmp_path / "two.pt"), nprocs=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["pixels"] == two["pixels"] == 4 * 64 - 2 * 6 * 8
-    assert abs(one["loss"] - two["loss"]) < 1e-9 * one["pixels"]
+    assert abs(one["loss"] - two["loss"]) <= 1e-6 * abs(one["loss"])  # float32 sums
     torch.testing.assert_close(two["weight"], one["weight"], rtol=0, atol=1e-6)
     # A per-process mean would differ: check that the test can tell the two apart.
     torch.manual_seed(0)
