@@ -86,7 +86,20 @@ class PILAugment:
 
 
 def bench_data(dataset, crop, samples):
-    """(ours, baseline) samples/s in this process, over the same ids."""
+    """(ours, baseline) samples/s in one thread, over the same ids.
+
+    One thread, as in a DataLoader worker (torch gives each worker one thread): with more,
+    torch's resize would borrow cores that the other workers need.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _time_data(dataset, crop, samples)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_data(dataset, crop, samples):
     ours = data.TrainAugment(crop)
     n = len(dataset)
     t = time.perf_counter()

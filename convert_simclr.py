@@ -1127,6 +1127,9 @@ def save_checkpoint(obj, path, overwrite=False):
         raise FileNotFoundError(f"{path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".convert_simclr.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

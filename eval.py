@@ -125,7 +125,7 @@ def _progress(iterable, enabled, desc):
     if not enabled:
         return iterable
     from tqdm import tqdm
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, file=sys.stderr, disable=None)
 
 
 def voc_palette():

@@ -401,8 +401,9 @@ def format_table(table):
     """The table as markdown lines: the grid, then its notes and the unfinished runs."""
     cols = table["columns"]
     head = ["init"] + [_md(c) for c in cols] + ["MoCo paper (step, mean of 5)"]
-    lines = ["VOC 2012 val mIoU (%) at the final iteration: mean ± sample std (n-1) over "
-             "seeds, n, then each seed's run.", "",
+    lines = ["mIoU (%) on each run's val split (the official VOC 2012 val unless a note says "
+             "otherwise) at the final iteration: mean ± sample std (n-1) over seeds, n, then "
+             "each seed's run.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["rows"]:
         cells = [format_cell(row["cells"][c]) if c in row["cells"] else "-" for c in cols]
@@ -470,6 +471,7 @@ def plot_runs(path, runs, beta=0.9):
     FigureCanvasAgg(fig)
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     ax_miou = ax_loss.twinx()
+    ax_miou.ticklabel_format(axis="y", useOffset=False)  # equal scores must look equal
     for i, run in enumerate(runs):
         colour = f"C{i % 10}"
         steps = [r for r in run.log if "loss" in r]
@@ -554,8 +556,10 @@ def plan_grid(inits, schedule_names, seeds, nproc, runs_dir, extra):
     holds a run with other settings (it is never reused silently).
     """
     parser, train = _train_parser()
-    given = parser.parse_args(extra)
-    defaults = parser.parse_args([])
+    # --init is required by train.py and owned by the grid: a sentinel stands in for it, so
+    # a user's own --init after '--' shows as a changed value.
+    given = parser.parse_args(["--init", "\0grid", *extra])
+    defaults = parser.parse_args(["--init", "\0grid"])
     for dest, owner in GRID_OWNED.items():
         if getattr(given, dest) != getattr(defaults, dest):
             raise ReportError(f"train.py flag --{dest.replace('_', '-')} after '--' is set "

@@ -51,9 +51,10 @@ def get_args_parser():
                    help="data loading processes per training process (default: 4)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--init", default="random",
+    g.add_argument("--init", required=True,
                    help="pretrained backbone: a checkpoint path, 'imagenet' (torchvision "
-                        "IMAGENET1K_V1 from the torch.hub cache) or 'random' (default: random)")
+                        "IMAGENET1K_V1 from the torch.hub cache) or 'random'; required, so "
+                        "that no run starts from random weights by accident")
     g.add_argument("--init-pkl-torchvision-style", action=argparse.BooleanOptionalAction,
                    default=False, help="take a detectron2 .pkl without MoCo's converter marks "
                    "as a torchvision-style ResNet-50 (stride in the 3x3 conv, RGB input)")
@@ -630,8 +631,9 @@ def progress(iterable, enabled, total, initial):
     if not enabled:
         return _Quiet(iterable)
     from tqdm import tqdm
+    # disable=None: a bar on a terminal only; piped logs get the JSON lines, not \r noise.
     return tqdm(iterable, total=total, initial=initial, desc="train", dynamic_ncols=True,
-                file=sys.stderr)
+                file=sys.stderr, disable=None)
 
 
 class _Quiet:

@@ -32,7 +32,8 @@ def torchrun(repo, script, *argv, nproc=2, env=None, check=True):
 
 
 def tiny_train_args(voc, out, *extra):
-    return ["--data-root", str(voc), "--train-split", "tiny_train", "--val-split", "tiny_val",
+    return ["--init", "random", "--data-root", str(voc), "--train-split", "tiny_train",
+            "--val-split", "tiny_val",
             "--iters", "2", "--batch-size", "2", "--crop-size", "65", "--workers", "0",
             "--log-every", "1", "--device", "cpu", "--output-dir", str(out), *extra]
 

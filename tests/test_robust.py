@@ -21,7 +21,8 @@ def train(repo, voc, out, *extra, fault=None, check=True):
     env.pop("TRAIN_FAULT", None)
     if fault:
         env["TRAIN_FAULT"] = fault
-    argv = [sys.executable, "train.py", "--data-root", str(voc), "--train-split", "tiny_train",
+    argv = [sys.executable, "train.py", "--init", "random", "--data-root", str(voc),
+            "--train-split", "tiny_train",
             "--val-split", "tiny_val", "--iters", "4", "--batch-size", "2", "--crop-size",
             "65", "--workers", "0", "--save-every", "1", "--log-every", "1", "--device", "cpu",
             "--output-dir", str(out), *extra]
@@ -251,3 +252,12 @@ def test_eval_refuses_bad_checkpoints(repo, tiny_voc, tmp_path):
                            str(tiny_voc), "--split", "tiny_val"], cwd=repo,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "tv.pth" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_init_must_be_named(repo, tiny_voc, tmp_path):
+    """No run starts from random weights because a flag was forgotten."""
+    proc = subprocess.run([sys.executable, "train.py", "--data-root", str(tiny_voc),
+                           "--output-dir", str(tmp_path / "run")], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--init" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
