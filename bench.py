@@ -189,18 +189,21 @@ def train_flops_per_image(crop):
 
 def peak_flops(device, dtype):
     """Measured arithmetic rate (FLOP/s) of a large matrix product on the device."""
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
     reps = 20 if device.type == "cuda" else 5
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    best = float("inf")
+    for _ in range(3):  # the best of three: a busy machine only ever makes it slower
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 * reps / best
 
 
 def sync(device):

@@ -69,8 +69,18 @@ def read_split(root, split):
     path = os.path.join(voc_dir(root), "ImageSets", "Segmentation", f"{split}.txt")
     if not os.path.isfile(path):
         raise DataError(f"split {split!r}: no list file {path}")
-    with open(path) as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"split {split!r}: {path} is not a UTF-8 text file") from None
+    ids = []
+    for n, line in enumerate(lines, 1):
+        fields = line.split()
+        if len(fields) > 1:  # e.g. DeepLab's "image label" path pairs: not a list of ids
+            raise DataError(f"split {split!r}: {path} line {n} holds {len(fields)} fields; "
+                            "expected one id per line")
+        ids += fields
     if not ids:
         raise DataError(f"split {split!r}: list file {path} is empty")
     if len(set(ids)) != len(ids):

@@ -192,11 +192,19 @@ def evaluate_split(model, data_root, split, device, amp_dtype=None, workers=2, s
     The input normalization is the model's own (`model.input_normalization`), so a
     checkpoint always sees what it was trained on.
     """
-    from data import VOCSegmentation
+    from data import VOCSegmentation, DataError
     dataset = VOCSegmentation(data_root, split)
+    if save_pred:
+        taken = [i for i in dataset.ids if os.path.exists(os.path.join(save_pred, f"{i}.png"))]
+        if taken:
+            raise DataError(f"--save-pred {save_pred}: already holds {len(taken)} of the "
+                            f"split's PNGs (e.g. {taken[0]}.png); choose an empty folder")
     norm = model.input_normalization
     confmat = evaluate(model, dataset, device, norm["mean"], norm["std"], amp_dtype, workers,
                        save_pred, progress)
+    if confmat.sum() == 0:
+        raise DataError(f"split {split!r}: no labelled pixels (every label is 255): "
+                        "there is nothing to score")
     result = summarize(confmat, len(dataset))
     result.update(split=split, label_sources=dict(dataset.label_sources),
                   warnings=split_warnings(split, dataset))
@@ -222,8 +230,14 @@ def load_checkpoint_model(path):
     if "classifier.weight" not in sd:
         raise CheckpointError(f"{path}: no classifier.weight; not a segmentation checkpoint")
     num_classes = sd["classifier.weight"].shape[0]
-    net = SegmentationNet(num_classes, config.get("conv5_dilation", "all"),
-                          config.get("align_corners", True))
+    if num_classes != len(VOC_CLASSES):
+        raise CheckpointError(f"{path}: the classifier has {num_classes} classes; VOC "
+                              f"segmentation has {len(VOC_CLASSES)}")
+    try:
+        net = SegmentationNet(num_classes, config.get("conv5_dilation", "all"),
+                              config.get("align_corners", True))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad model config ({e})") from None
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -253,8 +267,16 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device if args.device != "auto" else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        print(f"error: --device {args.device}: not a device (cpu, cuda, cuda:N)",
+              file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: CUDA is not available here", file=sys.stderr)
+        return 2
     if distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
@@ -262,9 +284,10 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
+    from data import DataError
+    from model import CheckpointError
     try:
-        from data import DataError
-        from model import CheckpointError
+        check_outputs(args)
         model, ckpt = load_checkpoint_model(args.checkpoint)
         run_args = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
         amp = args.amp if args.amp is not None else bool(run_args.get("amp", False))
@@ -282,8 +305,8 @@ def main(argv=None):
         t0 = time.time()
         result = evaluate_split(model, args.data_root, args.split, device, amp_dtype,
                                 args.workers, args.save_pred)
-    except (DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     result["checkpoint"] = os.path.abspath(args.checkpoint)
     result["seconds"] = round(time.time() - t0, 2)
@@ -298,6 +321,37 @@ def main(argv=None):
     if distributed:
         dist.destroy_process_group()
     return 0
+
+
+def check_outputs(args):
+    """Refuse, before any work, outputs that cannot be written or would destroy an input."""
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.json:
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json}: is a folder; give a file name")
+        if os.path.exists(args.json) and os.path.samefile(args.json, args.checkpoint):
+            raise ValueError(f"--json {args.json}: is the checkpoint being evaluated")
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--json {args.json}: {folder} is not a folder")
+    if args.save_pred:
+        if os.path.exists(args.save_pred) and not os.path.isdir(args.save_pred):
+            raise ValueError(f"--save-pred {args.save_pred}: is a file, not a folder")
+        voc = os.path.abspath(os.path.join(args.data_root, "VOCdevkit"))
+        if os.path.abspath(args.save_pred).startswith(voc + os.sep):
+            raise ValueError(f"--save-pred {args.save_pred}: inside the data root's VOCdevkit;"
+                             " predictions must never be written among the labels")
+
+
+def one_line(error):
+    """An error's message on one line. A DataLoader worker's re-raised error carries the
+    worker's traceback in its text; its last line is the original message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def print_warnings(lines):

@@ -238,6 +238,10 @@ class Run:
         if result["run"] != self.manifest:
             self.why = "eval.json belongs to an earlier run in this folder"
             return
+        if result.get("split") != self.args.get("val_split"):
+            self.why = (f"eval.json scores split {result.get('split')!r}, not the run's "
+                        f"--val-split {self.args.get('val_split')!r}")
+            return
         if result.get("iteration") != self.args["iters"]:
             self.why = (f"eval.json is for iteration {result.get('iteration')}, not the "
                         f"final {self.args['iters']}")

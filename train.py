@@ -132,7 +132,13 @@ def setup_distributed(args):
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device}: not a device (cpu, cuda, cuda:N)") \
+                from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
@@ -147,11 +153,24 @@ def resolve_args(args, world):
     """Validate flags against each other and fill derived values; raises UsageError."""
     if args.crop_size <= 0:
         raise UsageError(f"--crop-size must be positive, got {args.crop_size}")
+    for flag, value, low in (("--momentum", args.momentum, 0), ("--weight-decay",
+                             args.weight_decay, 0), ("--workers", args.workers, 0),
+                             ("--seed", args.seed, 0), ("--save-every", args.save_every, 1),
+                             ("--log-every", args.log_every, 1),
+                             ("--eval-every", args.eval_every, 0)):
+        if not value >= low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.iters <= 0:
         raise UsageError(f"--iters must be positive, got {args.iters}")
     if args.batch_size <= 0 or args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} does not divide evenly across "
                          f"{world} processes")
+    side = -(-args.crop_size // 16)  # the conv5 feature map's side at output stride 16
+    if args.batch_size // world * side * side < 2:
+        raise UsageError(f"--crop-size {args.crop_size} with {args.batch_size // world} image "
+                         "per process leaves BN one value per channel; use a larger crop")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; choose one")
     if args.lr_schedule not in schedules.SCHEDULES:
         raise UsageError(f"--lr-schedule {args.lr_schedule!r} is unknown; choose one of "
                          f"{', '.join(schedules.SCHEDULES)}")
@@ -173,6 +192,11 @@ def schedule_options(args):
                 "linear": ("end_ratio", args.linear_end_ratio),
                 "cosine": ("floor_ratio", args.cosine_floor_ratio)}
     options = {"warmup_iters": args.warmup_iters} if args.warmup_iters else {}
+    for schedule, (option, value) in explicit.items():
+        if value is not None and schedule != args.lr_schedule:
+            flag = schedules.OPTION_FLAGS[option]
+            raise UsageError(f"{flag} applies to --lr-schedule {schedule}, not "
+                             f"{args.lr_schedule}")
     name, value = explicit.get(args.lr_schedule, (None, None))
     if args.match_footprint:
         if value is not None:
@@ -193,12 +217,19 @@ def prepare_run_folder(args, rank):
 
     A run folder holding another run's checkpoint is never overwritten silently.
     """
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output-dir {args.output_dir}: is a file, not a folder")
     ckpt = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.exists(ckpt) and not os.path.isfile(ckpt):
+        raise UsageError(f"--output-dir {args.output_dir}: checkpoint.pth there is not a file")
     if args.resume == "auto":
         return ckpt if os.path.isfile(ckpt) else None
     if args.resume:
         if not os.path.isfile(args.resume):
             raise UsageError(f"--resume {args.resume}: no such checkpoint")
+        if os.path.isfile(ckpt) and not os.path.samefile(ckpt, args.resume):
+            raise UsageError(f"--output-dir {args.output_dir} holds another run's checkpoint; "
+                             f"resume {args.resume} into its own folder")
         return args.resume
     if os.path.isfile(ckpt) and not args.overwrite:
         raise UsageError(f"--output-dir {args.output_dir} already holds a checkpoint; pass "
@@ -385,6 +416,8 @@ def build_manifest(args, net, device, world, bn_type, amp_dtype, train_set, val_
         deviations.append(f"schedule_options={args.schedule_options}")
     if "per process" in bn_type:
         deviations.append("bn=per-process")
+    if args.init == "imagenet" and not net.init_report.get("known_release"):
+        deviations.append("init=imagenet file is not the published IMAGENET1K_V1")
     return {
         "args": plain_args(args),
         "init": net.init_report,
@@ -464,12 +497,16 @@ def train_step(net, images, labels, optimizer, scaler, amp_dtype, world, device,
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    rank, world, device = setup_distributed(args)
+    try:
+        rank, world, device = setup_distributed(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     try:
         return run(args, rank, world, device)
     except (UsageError, data.DataError, segmodel.CheckpointError, OSError,
             FloatingPointError) as e:
-        print(f"error{f' (rank {rank})' if world > 1 else ''}: {one_line(e)}",
+        print(f"error{f' (rank {rank})' if world > 1 else ''}: {evaluation.one_line(e)}",
               file=sys.stderr, flush=True)
         return 2
     except BaseException:
@@ -479,16 +516,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def one_line(error):
-    """The message of an error; a DataLoader worker's re-raised error carries the worker's
-    traceback in its text, whose last line is the original message."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
 
 
 def run(args, rank, world, device):
@@ -521,7 +548,13 @@ def run(args, rank, world, device):
 
     # Data
     train_set, loader = build_loader(args, rank, world, start_iter, device)
-    val_record = split_record(data.VOCSegmentation(args.data_root, args.val_split))
+    val_set = data.VOCSegmentation(args.data_root, args.val_split)
+    shared = sorted(set(train_set.ids) & set(val_set.ids))
+    if shared:
+        raise data.DataError(f"--train-split {args.train_split} and --val-split "
+                             f"{args.val_split} share {len(shared)} ids (e.g. {shared[0]}): "
+                             "the val score would be inflated")
+    val_record = split_record(val_set)
     if manifest is None:
         manifest = build_manifest(args, net, device, world, bn_type, amp_dtype, train_set,
                                   val_record)
@@ -558,8 +591,9 @@ def run(args, rank, world, device):
             loss_sum, pixels = train_step(forward, images, labels, optimizer, scaler,
                                           amp_dtype, world, device, it)
         except FloatingPointError as e:
-            raise FloatingPointError(f"{e}; stopped, the last good checkpoint "
-                                     f"{ckpt_path} is kept") from None
+            kept = (f"the last good checkpoint {ckpt_path} is kept"
+                    if os.path.isfile(ckpt_path) else "no checkpoint was written yet")
+            raise FloatingPointError(f"{e}; stopped, {kept}") from None
         t_step = time.perf_counter()
         meter["loss"] += loss_sum
         meter["pixels"] += pixels

@@ -55,7 +55,8 @@ def make_run(root, name, miou=None, seed=0, init=RANDOM, deviations=(), manifest
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     if miou is not None:
         (folder / "eval.json").write_text(json.dumps(
-            {"miou": miou, "iteration": a["iters"], "run": run, "warnings": []}))
+            {"miou": miou, "iteration": a["iters"], "run": run, "warnings": [],
+             "split": a["val_split"]}))
     return folder
 
 

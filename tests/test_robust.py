@@ -206,6 +206,15 @@ BAD_INPUTS = [
     ("unknown schedule", None, ["--lr-schedule", "cosine_restarts"],
      r"--lr-schedule 'cosine_restarts' is unknown"),
     ("crop size", None, ["--crop-size", "0"], r"--crop-size must be positive"),
+    ("train/val overlap", write_split("tiny_val", "2007_000129\n"), [],
+     r"--train-split tiny_train and --val-split tiny_val share 1 ids \(e.g. 2007_000129\)"),
+    ("two ids on a line", write_split("tiny_train", "2007_000032 2007_000129\n"), [],
+     r"tiny_train.txt line 1 holds 2 fields"),
+    ("option of another schedule", None, ["--lr-schedule", "linear", "--poly-power", "2"],
+     r"--poly-power applies to --lr-schedule poly, not linear"),
+    ("resume and overwrite", None, ["--resume"], r"--resume and --overwrite contradict"),
+    ("negative momentum", None, ["--momentum", "-1"], r"--momentum must be >= 0"),
+    ("unknown device", None, ["--device", "tpu9"], r"--device tpu9: not a device"),
     ("not resnet-50", vit_checkpoint, [], r"vit.pth: not a recognised ResNet-50"),
     ("not a checkpoint", junk_checkpoint, [], r"junk.pth: not a PyTorch checkpoint"),
     ("pickle with code", exploit_checkpoint, [], r"evil.pth: refused to load"),
@@ -261,3 +270,65 @@ def test_init_must_be_named(repo, tiny_voc, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--init" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_into_another_runs_folder_is_refused(repo, tiny_voc, tmp_path):
+    train(repo, tiny_voc, tmp_path / "a", "--iters", "1")
+    train(repo, tiny_voc, tmp_path / "b", "--iters", "1", "--seed", "1")
+    before = {p.name: sha(p) for p in (tmp_path / "b").iterdir()}
+    proc = train(repo, tiny_voc, tmp_path / "b", "--iters", "1", "--resume",
+                 str(tmp_path / "a" / "checkpoint.pth"), check=False)
+    assert proc.returncode == 2
+    assert "holds another run's checkpoint" in proc.stderr.strip().splitlines()[-1]
+    assert {p.name: sha(p) for p in (tmp_path / "b").iterdir()} == before
+
+
+def evaluate_cli(repo, *argv):
+    return subprocess.run([sys.executable, "eval.py", *map(str, argv)], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_eval_protects_its_inputs_and_speaks_in_one_line(repo, tiny_voc, tmp_path):
+    import model as segmodel
+    net = tmp_path / "net.pth"
+    torch.save(segmodel.build_model().state_dict(), net)
+    common = ["--data-root", tiny_voc, "--split", "tiny_val"]
+    before = sha(net)
+    cases = [
+        (["--json", net], "is the checkpoint being evaluated"),
+        (["--json", tmp_path], "is a folder"),
+        (["--save-pred", seg(tiny_voc, "SegmentationClass")], "inside the data root"),
+        (["--workers", "-1"], "--workers must be >= 0"),
+    ]
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "2007_000033.png").write_bytes(b"earlier prediction")
+    cases.append((["--save-pred", pred], "already holds 1 of the split's PNGs"))
+    for extra, message in cases:
+        proc = evaluate_cli(repo, net, *common, *extra)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert sha(net) == before and (pred / "2007_000033.png").read_bytes() == b"earlier " \
+        b"prediction"
+
+    # A broken label read in a DataLoader worker: still one line, naming the file.
+    corrupt_png_val = seg(tiny_voc, "SegmentationClass", "2007_000033.png")
+    replace(corrupt_png_val, corrupt_png_val.resolve().read_bytes()[:300])
+    proc = evaluate_cli(repo, net, *common, "--workers", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "2007_000033.png: cannot decode label" in proc.stderr
+
+    # Nothing to score: every label pixel is 255.
+    from PIL import Image
+    import numpy as np
+    corrupt_png_val.unlink()
+    Image.fromarray(np.full((366, 500), 255, np.uint8), mode="L").save(corrupt_png_val)
+    proc = evaluate_cli(repo, net, *common, "--workers", "0")
+    assert proc.returncode == 2 and "no labelled pixels" in proc.stderr
+
+    # A head for another task: refused, not scored on 21 names.
+    other = segmodel.build_model(num_classes=5).state_dict()
+    torch.save(other, tmp_path / "five.pth")
+    proc = evaluate_cli(repo, tmp_path / "five.pth", *common)
+    assert proc.returncode == 2 and "5 classes; VOC segmentation has 21" in proc.stderr
