@@ -850,6 +850,7 @@ def check_split(root, split, progress=None):
                 mode = im.mode
                 out["label_modes"][mode] = out["label_modes"].get(mode, 0) + 1
                 values = np.array(im) if mode in ("P", "L") else None
+                palette = im.getpalette() if mode == "P" else None
         except Exception as e:
             problem(f"{label}: cannot decode label ({e})", "undecodable labels")
             continue
@@ -861,6 +862,15 @@ def check_split(root, split, progress=None):
         if bad.any():
             problem(f"{label}: values {np.unique(values[bad]).tolist()[:5]} outside 0..20 "
                     "and 255", "labels with values outside 0..20/255")
+        elif palette is not None:
+            # An editor that re-quantises a palette PNG renumbers its colours: the indices
+            # still look valid but name other classes. VOC's own labels use VOC's palette.
+            used = np.unique(values).tolist()
+            voc = voc_palette()
+            if any(palette[3 * v:3 * v + 3] != voc[3 * v:3 * v + 3] for v in used):
+                problem(f"{label}: palette differs from VOC's for the indices used (was it "
+                        "re-saved by an editor?); indices may name other classes",
+                        "labels with a non-VOC palette")
         if size is not None and values.shape != size:
             problem(f"id {i}: label {values.shape[1]}x{values.shape[0]}, image {size[1]}x"
                     f"{size[0]} (width x height)", "size mismatches")

@@ -392,3 +392,23 @@ def test_val_split_warns_when_not_official(repo, voc_root, tmp_path):
     assert "split 'val' has 3 ids, not the official 1449" in proc.stderr
     assert "3 of 3 labels came from SegmentationClassAug" in proc.stderr
     assert len(json.loads((tmp_path / "e.json").read_text())["warnings"]) == 2
+
+
+def test_check_flags_a_label_whose_palette_was_renumbered(tiny_voc):
+    path = tiny_voc / VOC / "SegmentationClass" / "2007_000033.png"
+    with Image.open(path.resolve()) as im:
+        values = np.array(im)
+        palette = im.getpalette()
+    # An editor's re-save: same colours, other indices (classes 1 and 15 swap numbers).
+    swapped = values.copy()
+    swapped[values == 1], swapped[values == 15] = 15, 1
+    remapped = list(palette)
+    remapped[3:6], remapped[45:48] = palette[45:48], palette[3:6]
+    out = Image.fromarray(swapped, mode="P")
+    out.putpalette(remapped)
+    path.unlink()
+    out.save(path)
+    (tiny_voc / VOC / "ImageSets" / "Segmentation" / "one.txt").write_text("2007_000033\n")
+    result = data.check_split(str(tiny_voc), "one")
+    assert result["counts"] == {"labels with a non-VOC palette": 1}
+    assert "2007_000033.png: palette differs from VOC's" in result["problems"][0]
