@@ -53,6 +53,7 @@ OPTION_FLAGS = {
 MATCHED_OPTION = {"linear": "end_ratio", "poly": "power", "exp": "final_ratio",
                   "cosine": "floor_ratio"}
 
+MAX_ITERS = 10_000_000
 _PROTOCOL_ITERS = 30000
 _PROTOCOL_LR = 0.003
 
@@ -90,6 +91,9 @@ def _check_run(total_iters, base_lr):
     total_iters = _integer("total_iters", total_iters)
     if total_iters <= 0:
         raise ValueError(f"total_iters must be > 0, got {total_iters}")
+    if total_iters > MAX_ITERS:  # footprints hold the whole curve: 8 bytes per iteration
+        raise ValueError(f"total_iters {total_iters} is more than {MAX_ITERS:,}; footprints "
+                         "would not fit in memory")
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float, np.number)):
         raise ValueError(f"base_lr must be a number, got {base_lr!r}")
     base_lr = float(base_lr)

@@ -359,3 +359,8 @@ def test_cli_plot_without_matplotlib(repo, tmp_path):
     assert result.stderr.strip() == ("schedules.py: error: plotting needs matplotlib: "
                                      "pip install matplotlib")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_run_length_too_long_for_memory_is_refused_not_oom_killed():
+    with pytest.raises(ValueError, match="total_iters 1000000000 is more than 10,000,000"):
+        schedules.footprint("linear", 1_000_000_000, 0.003)
