@@ -14,7 +14,6 @@ Prints one table and writes it to JSON (`--json`, default bench.json):
   fraction of the device's peak arithmetic rate, measured with a large matrix product.
 """
 import argparse
-import json
 import os
 import random
 import sys
