@@ -464,11 +464,6 @@ def file_digests(path, chunk=1 << 20):
     return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
 
 
-def sha256_of(path):
-    """Hex sha256 of a file's bytes."""
-    return file_digests(path)["sha256"]
-
-
 def known_release(digests):
     """The name of the public release whose published checksum the file has, or None."""
     for name, algorithm, prefix in KNOWN_RELEASES:

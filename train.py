@@ -575,7 +575,7 @@ def run(args, rank, world, device):
     bar = progress(range(start_iter, args.iters), rank == 0, args.iters, start_iter)
     batches = iter(loader)
     t_last = time.perf_counter()
-    meter = {"loss": 0.0, "pixels": 0, "data": 0.0, "step": 0.0, "n": 0}
+    meter = new_meter()
     for it in bar:
         lr = schedules.lr_at(args.lr_schedule, it, args.iters, args.lr,
                              **args.schedule_options)
@@ -609,7 +609,7 @@ def run(args, rank, world, device):
                 log.write(json.dumps(line) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}")
-            meter = {"loss": 0.0, "pixels": 0, "data": 0.0, "step": 0.0, "n": 0}
+            meter = new_meter()
         if fault("kill-after-iter", done):
             os.kill(os.getpid(), signal.SIGKILL)
         if fault(f"raise-rank{rank}", done):
@@ -642,6 +642,12 @@ def run(args, rank, world, device):
         print(f"final mIoU {100 * result['miou']:.2f} at iteration {args.iters} "
               f"({args.output_dir})", flush=True)
     return 0
+
+
+def new_meter():
+    """Sums over one log step: loss and labelled pixels (global), seconds waiting for data
+    and stepping, iterations."""
+    return {"loss": 0.0, "pixels": 0, "data": 0.0, "step": 0.0, "n": 0}
 
 
 def log_line(meter, it, lr, batch_size, world, device):
